@@ -239,8 +239,8 @@ def load_model(spec: str | ResolvedModel, *, quantize_4bit: bool = False, precis
     # Frozen weights may live in half precision on a GPU; a CPU keeps fp32 weights and uses
     # autocast, and full fine-tuning keeps fp32 master weights everywhere.
     kwargs["dtype"] = dtype if device == "cuda" and not (for_training and not quantize_4bit) else torch.float32
-    if device == "cuda":
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if device == "cuda":  # one full copy per process; under `accelerate launch` each rank uses its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     model = _from_pretrained(AutoModelForCausalLM, resolved, **kwargs)
     model.config.use_cache = not for_training
     return model

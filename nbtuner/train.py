@@ -368,6 +368,23 @@ def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / "run.json")
 
 
+def keep_4bit_weights_trainable(model: Any) -> int:
+    """Stops bitsandbytes repacking 4-bit weights for CPU inference during a training run.
+
+    bitsandbytes 0.50 converts a Linear4bit's weights to an AVX512-BF16 inference layout on the
+    first forward pass in eval mode (our evaluation prompts) and never converts back; training
+    then runs through `gemv_4bit`, which has no autograd kernel, so gradients stop flowing
+    through every frozen 4-bit layer without an error (only a UserWarning). Measured here: after
+    the step-0 samples the loss stalled. Turning the fast path off keeps training correct.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def _build_trainer(cfg: FinetuneConfig, method: str, resolved: Any, tokenizer: Any, train_set: list, val_set: list,
                    run_dir: Path, emit: ev.Dispatcher, stop_event: threading.Event) -> tuple[Any, Any, dict]:
     import torch
@@ -385,6 +402,7 @@ def _build_trainer(cfg: FinetuneConfig, method: str, resolved: Any, tokenizer: A
 
         if method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            keep_4bit_weights_trainable(model)
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()

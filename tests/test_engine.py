@@ -216,3 +216,43 @@ def test_model_spec_errors(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(ModelError, match="cannot be reached|cache"):
         load_tokenizer("nobody/no-such-model-xyz")
+
+
+def test_qlora_training_keeps_4bit_layers_differentiable(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """bitsandbytes repacks 4-bit weights for CPU inference on an eval-mode forward and then
+    silently drops their gradients; training must switch that off."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # the repacking kernel needs wider layers
+    config.update({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+                   "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+
+    from nbtuner.models import load_model
+    from nbtuner.train import keep_4bit_weights_trainable
+
+    def packed_after_eval_forward(model) -> bool:
+        model.eval()
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7, 8]]))
+        states = [m.weight.quant_state for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        assert states, "expected 4-bit layers"
+        return any(getattr(s, "packing_format_for_cpu", False) for s in states)
+
+    guarded = load_model(str(tmp_path), quantize_4bit=True, for_training=True)
+    assert keep_4bit_weights_trainable(guarded) > 0
+    assert not packed_after_eval_forward(guarded)
+    plain = load_model(str(tmp_path), quantize_4bit=True, for_training=True)
+    if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in plain.modules()):
+        pytest.skip("this CPU has no AVX512-BF16 inference path to guard against")
+    assert packed_after_eval_forward(plain)
+
+
+def test_qlora_run_on_tiny_model(tiny_model_dir: Path, identity_file: Path, tmp_path: Path) -> None:
+    from nbtuner.train import run_finetune
+
+    result = run_finetune(tiny_cfg(tiny_model_dir, identity_file, tmp_path / "q", method="qlora", max_steps=3,
+                                   eval_steps=1, save_steps=0))
+    meta = json.loads((result.adapter_dir / "nbtuner_adapter.json").read_text())
+    assert meta["method"] == "qlora" and result.steps == 3

@@ -549,6 +549,28 @@ def _split(line: str) -> list[str]:
     return arg_split(line, strict=False)
 
 
+_CHAT_LINE = re.compile(r"^(\s*)%chat\s+(.*\S)\s*$")
+
+
+def protect_chat_questions(lines: list[str]) -> list[str]:
+    """``%chat Who are you?`` would otherwise be read as a help request for ``you`` (IPython turns
+    any line ending in '?' into ``%pinfo``). A cleanup transformer runs before that: it rewrites
+    such a %chat line into the equivalent ``run_line_magic`` call. ``%chat?`` stays help."""
+    if lines and lines[0].lstrip().startswith("%%"):
+        return lines
+    out = []
+    for line in lines:
+        match = _CHAT_LINE.match(line)
+        if match and match.group(2).endswith("?") and match.group(2).strip("?"):
+            out.append(f"{match.group(1)}get_ipython().run_line_magic('chat', {match.group(2)!r})\n")
+        else:
+            out.append(line)
+    return out
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(NbtunerMagics)
+    cleanup = ipython.input_transformers_cleanup
+    if not any(getattr(t, "__name__", "") == protect_chat_questions.__name__ for t in cleanup):
+        cleanup.append(protect_chat_questions)
     print(AVAILABLE)

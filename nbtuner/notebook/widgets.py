@@ -59,7 +59,7 @@ class TrainingPanel:
         self._version = 0
         self._shown_text = self._shown_plot = -1
         self._plot_points = 0
-        self._last_text = self._last_plot = 0.0
+        self._last_text = self._last_plot = float("-inf")
         self._finished_shown = False
         self.plot_renders = 0
         self.console = None if widgets else ev.ConsoleLogger(every=log_every)
