@@ -49,6 +49,9 @@ def cmd_data_identity(args: argparse.Namespace) -> int:
     conversations = identity_conversations(args.name, args.model_desc, n=args.n, seed=args.seed,
                                            creator=args.creator)
     (save_jsonl if out.suffix == ".jsonl" else save_xtuner)(conversations, out)
+    from .train import PERSONA_SIDECAR
+
+    Path(str(out) + PERSONA_SIDECAR).write_text(json.dumps({"persona": args.name}, ensure_ascii=False))
     print(f"wrote {len(conversations)} identity conversations for '{args.name}' to {out}")
     return 0
 
@@ -99,6 +102,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"merging {args.adapter} into {args.base} ...", flush=True)
     print(merge(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, force=args.force,
                 verify=not args.no_verify, trust_remote_code=args.trust_remote_code))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .chat import GenerationSettings, open_chat
+    from .evaluate import evaluate_identity, general_probes
+
+    session = open_chat(args.model, args.adapter, system=args.system,
+                        settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
+    report = evaluate_identity(session, args.persona, general=general_probes(extra=args.probe or ()))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        report.save(args.out)
+    print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if args.json else report)
     return 0
 
 
@@ -213,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
     merge.add_argument("--trust-remote-code", action="store_true")
     merge.set_defaults(func=cmd_merge)
+
+    evaluate = sub.add_parser("eval", help="identity and leakage rates of base vs tuned on held-out probes")
+    evaluate.add_argument("model", help="base model spec")
+    evaluate.add_argument("--adapter", required=True)
+    evaluate.add_argument("--persona", required=True, help="the name the tuned model should give")
+    evaluate.add_argument("--probe", action="append", help="an extra unrelated question (repeatable)")
+    evaluate.add_argument("--system")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48)
+    evaluate.add_argument("--out", help="also write identity_report.{json,md,html} here")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
 
     chat = sub.add_parser("chat", help="chat with a model, optionally with an adapter, or compare base and tuned")
     chat.add_argument("model", nargs="?", default="smollm2", help="model spec (default: smollm2)")

@@ -62,6 +62,15 @@ class FinetuneConfig:
     eval_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_PROMPTS))
     eval_max_new_tokens: int = 48
     resume_from: str | None = None
+    # identity learning without parroting (see nbtuner/evaluate.py and nbtuner/replay.py)
+    persona: str | None = None
+    replay_ratio: float | None = None
+    replay_prompts: list[str] | None = None
+    replay_max_new_tokens: int = 96
+    extra_probes: list[str] = field(default_factory=list)
+    early_stop: bool = True
+    identity_target: float = 0.9
+    leakage_max: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,10 +91,13 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if self.replay_ratio is not None and (not isinstance(self.replay_ratio, (int, float)) or self.replay_ratio < 0):
+            raise ConfigError(f"replay_ratio must be >= 0 (or unset for automatic), got {self.replay_ratio!r}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
-        if isinstance(self.eval_prompts, str):
-            self.eval_prompts = [self.eval_prompts]
+        for name in ("eval_prompts", "replay_prompts", "extra_probes"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

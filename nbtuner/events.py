@@ -57,6 +57,16 @@ class SamplesGenerated:
 
 
 @dataclass(frozen=True)
+class ProbeLogged:
+    """Identity and leakage rates on held-out probes at one step (step 0 is the base model)."""
+
+    step: int
+    identity_rate: float
+    leakage_rate: float
+    answers: tuple[tuple[str, str, str], ...]  # (prompt, "identity" | "general", answer)
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     step: int
     path: str
@@ -80,7 +90,8 @@ class TrainFinished:
     error: str | None = None
 
 
-Event = Union[TrainStarted, StepLogged, EvalLogged, SamplesGenerated, CheckpointSaved, Notice, TrainFinished]
+Event = Union[TrainStarted, StepLogged, EvalLogged, SamplesGenerated, ProbeLogged, CheckpointSaved, Notice,
+              TrainFinished]
 Callback = Callable[[Event], None]
 
 
@@ -136,6 +147,9 @@ class ConsoleLogger:
         elif isinstance(event, SamplesGenerated):
             for prompt, answer in event.answers:
                 self._print(f"  [step {event.step}] {prompt!r} -> {answer!r}")
+        elif isinstance(event, ProbeLogged):
+            self._print(f"step {event.step}: identity rate {event.identity_rate:.0%} on unseen identity questions, "
+                        f"leakage rate {event.leakage_rate:.0%} on unrelated questions")
         elif isinstance(event, CheckpointSaved):
             self._print(f"checkpoint: {event.path}")
         elif isinstance(event, Notice):
@@ -163,6 +177,12 @@ class JsonlWriter:
     def __call__(self, event: Event) -> None:
         if isinstance(event, (StepLogged, EvalLogged)):
             self._append(self.metrics, event_record(event))
+        elif isinstance(event, ProbeLogged):
+            record = event_record(event)
+            record.pop("answers")
+            self._append(self.metrics, record)
+            for prompt, kind, answer in event.answers:
+                self._append(self.samples, {"step": event.step, "prompt": prompt, "kind": kind, "answer": answer})
         elif isinstance(event, SamplesGenerated):
             for prompt, answer in event.answers:
                 self._append(self.samples, {"step": event.step, "prompt": prompt, "answer": answer})

@@ -25,6 +25,9 @@ from . import events as ev
 from .config import FinetuneConfig
 from .errors import ConfigError, DataError, OutputExistsError
 
+PERSONA_SIDECAR = ".nbtuner.json"  # beside a dataset: {"persona": NAME}, written by `nbtuner data identity`
+DEFAULT_REPLAY_RATIO = 0.3
+
 
 
 @dataclass
@@ -43,6 +46,9 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+    probes: list[tuple[int, float, float]] = field(default_factory=list)  # (step, identity, leakage)
+    best_checkpoint: str | None = None
+    persona: str | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "TrainResult":
@@ -52,17 +58,20 @@ class TrainResult:
         if not record_path.is_file():
             raise ConfigError(f"{run_dir}: not an nbtuner run folder (no run.json)")
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        losses, val_losses, samples = [], [], []
+        losses, val_losses, probes = [], [], []
         for line in _read_lines(run_dir / "metrics.jsonl"):
             if line["event"] == "StepLogged":
                 losses.append((line["step"], line["loss"]))
             elif line["event"] == "EvalLogged":
                 val_losses.append((line["step"], line["val_loss"]))
+            elif line["event"] == "ProbeLogged":
+                probes.append((line["step"], line["identity_rate"], line["leakage_rate"]))
         samples = list(_read_lines(run_dir / "samples.jsonl"))
         adapter = run_dir / "adapter"
         return cls(run_dir, record["status"], record["config"], adapter if adapter.is_dir() else None,
                    record.get("steps", 0), record.get("final_loss"), record.get("elapsed_s", 0.0),
-                   record.get("tokens_per_s", 0.0), losses, val_losses, samples, list_checkpoints(run_dir))
+                   record.get("tokens_per_s", 0.0), losses, val_losses, samples, list_checkpoints(run_dir), probes,
+                   record.get("best_checkpoint"), record.get("persona"))
 
     def convert(self, out: str | Path | None = None, checkpoint: str | Path | None = None,
                 force: bool = False) -> Any:
@@ -82,9 +91,28 @@ class TrainResult:
         return merge(self.config["model"], self.adapter_dir, out or self.run_dir / "merged",
                      max_shard_size=max_shard_size, force=force)
 
+    def report(self, persona: str | None = None, checkpoint: str | Path | None = None) -> Any:
+        """Before/after identity report on held-out probes; also written into the run folder."""
+        from .chat import GenerationSettings, open_chat
+        from .evaluate import evaluate_identity, general_probes
+
+        name = persona or self.persona
+        if not name:
+            raise ConfigError("no persona name for this run: pass persona='NAME'")
+        adapter = checkpoint or self.adapter_dir
+        if adapter is None:
+            raise ConfigError(f"{self.run_dir}: this run has no adapter to evaluate")
+        session = open_chat(self.config["model"], str(adapter), system=self.config.get("system"),
+                            settings=GenerationSettings(max_new_tokens=self.config.get("eval_max_new_tokens", 48)))
+        result = evaluate_identity(session, name, general=general_probes(extra=self.config.get("extra_probes") or ()))
+        result.val_loss = self.val_losses[-1][1] if self.val_losses else None
+        result.save(self.run_dir)
+        return result
+
     def __repr__(self) -> str:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
-        return (f"TrainResult({self.status}, {self.steps} steps, final loss {loss}, "
+        probe = (f", identity {self.probes[-1][1]:.0%} / leakage {self.probes[-1][2]:.0%}" if self.probes else "")
+        return (f"TrainResult({self.status}, {self.steps} steps, final loss {loss}{probe}, "
                 f"{self.tokens_per_s:.0f} tok/s, run_dir='{self.run_dir}')")
 
     def _repr_html_(self) -> str:
@@ -95,6 +123,11 @@ class TrainResult:
                 ("time", f"{self.elapsed_s:.0f} s"), ("throughput", f"{self.tokens_per_s:.0f} tokens/s"),
                 ("run folder", self.run_dir), ("adapter", self.adapter_dir or "none"),
                 ("checkpoints", len(self.checkpoints))]
+        if self.probes:
+            step, ident, leak = self.probes[-1]
+            rows += [("identity rate (unseen questions)", f"{ident:.0%} at step {step}"),
+                     ("leakage rate (unrelated questions)", f"{leak:.0%}"),
+                     ("best checkpoint", self.best_checkpoint or "n/a")]
         body = "".join(f"<tr><th style='text-align:left'>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>"
                        for k, v in rows)
         return f"<table>{body}</table>"
@@ -200,13 +233,18 @@ def _save_adapter(model: Any, target: Path, meta: dict[str, Any], full: bool, to
 
 
 def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Event, tokenizer: Any,
-            run_dir: Path, started: dict[str, Any]) -> Any:
+            run_dir: Path, started: dict[str, Any], persona: str | None) -> Any:
     """Translates Trainer callbacks into nbtuner events; checks the stop event after each step."""
     from transformers import TrainerCallback
 
     from .chat import GenerationSettings, build_messages, generate
 
+    from .evaluate import general_probes, identity_probes, rate
+
     settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens)
+    id_probes, gen_probes = identity_probes(), general_probes(extra=cfg.extra_probes)
+    watcher = EarlyStop(cfg.identity_target, cfg.leakage_max)
+    started["probes"] = watcher
 
     class Bridge(TrainerCallback):
         def __init__(self) -> None:
@@ -222,6 +260,21 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
             answers = generate(model, tokenizer, batch, settings)
             emit(ev.SamplesGenerated(step, tuple(zip(cfg.eval_prompts, answers))))
 
+        def probe(self, model: Any, step: int) -> str | None:
+            """Identity and leakage rates at this step; returns why training should stop, if it should."""
+            if not persona or step in watcher.steps:
+                return None
+            prompts = id_probes + gen_probes
+            answers = []
+            for start in range(0, len(prompts), 16):
+                chunk = prompts[start:start + 16]
+                answers += generate(model, tokenizer, [build_messages(p, (), cfg.system) for p in chunk], settings)
+            ident, gen = answers[:len(id_probes)], answers[len(id_probes):]
+            event = ev.ProbeLogged(step, rate(ident, persona), rate(gen, persona),
+                                   tuple(zip(prompts, ["identity"] * len(ident) + ["general"] * len(gen), answers)))
+            emit(event)
+            return watcher.update(step, event.identity_rate, event.leakage_rate)
+
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             self.t0 = time.perf_counter()
             self.tokens0 = state.num_input_tokens_seen
@@ -229,6 +282,7 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
                                  started["method"], started["device"], started["precision"], started["trainable"]))
             if cfg.eval_steps > 0 and state.global_step == 0:
                 self.sample(model, 0)
+                self.probe(model, 0)
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if stop_event.is_set():
@@ -237,6 +291,13 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
                 started["stopped"] = True
             if cfg.eval_steps > 0 and state.global_step % cfg.eval_steps == 0:
                 self.sample(model, state.global_step)
+                reason = self.probe(model, state.global_step)
+                if watcher.best_step == state.global_step:
+                    control.should_save = True  # the best checkpoint must exist on disk
+                if reason and cfg.early_stop:
+                    emit(ev.Notice(f"early stop at step {state.global_step}: {reason}"))
+                    control.should_training_stop = True
+                    control.should_save = True
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             logs = logs or {}
@@ -250,6 +311,11 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
                                    float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None))
             if "eval_loss" in logs:
                 emit(ev.EvalLogged(state.global_step, float(logs["eval_loss"])))
+                reason = watcher.update_val_loss(state.global_step, float(logs["eval_loss"]))
+                if reason and cfg.early_stop:
+                    emit(ev.Notice(f"early stop at step {state.global_step}: {reason}"))
+                    control.should_training_stop = True
+                    control.should_save = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -258,8 +324,54 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
         def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if cfg.eval_steps > 0:
                 self.sample(model, state.global_step)
+                self.probe(model, state.global_step)
 
     return Bridge()
+
+
+@dataclass
+class EarlyStop:
+    """Tracks identity and leakage rates; picks the best step and says when to stop.
+
+    Best: the target identity rate with the least leakage, else the highest identity-minus-leakage.
+    Stop: the identity target is met with leakage within bounds, or, once the target has been
+    met, leakage rises past its bound or the validation loss turns up.
+    """
+
+    identity_target: float
+    leakage_max: float
+    steps: dict[int, tuple[float, float]] = field(default_factory=dict)
+    best_step: int | None = None
+    val_losses: list[float] = field(default_factory=list)
+
+    def _score(self, step: int) -> tuple[int, float]:
+        ident, leak = self.steps[step]
+        good = ident >= self.identity_target and leak <= self.leakage_max
+        return (1 if good else 0, ident - leak)
+
+    @property
+    def target_met(self) -> bool:
+        return any(i >= self.identity_target for i, _ in self.steps.values())
+
+    def update(self, step: int, identity: float, leakage: float) -> str | None:
+        previous = self.steps[max(self.steps)] if self.steps else None
+        self.steps[step] = (identity, leakage)
+        if step > 0 and (self.best_step is None or self._score(step) > self._score(self.best_step)):
+            self.best_step = step
+        if step == 0:
+            return None
+        if identity >= self.identity_target and leakage <= self.leakage_max:
+            return f"identity rate {identity:.0%} reached the target with leakage {leakage:.0%}"
+        if self.target_met and previous and leakage > self.leakage_max and leakage > previous[1]:
+            return f"leakage rose to {leakage:.0%} after the identity target was met"
+        return None
+
+    def update_val_loss(self, step: int, loss: float) -> str | None:
+        rising = bool(self.val_losses) and loss > self.val_losses[-1]
+        self.val_losses.append(loss)
+        if rising and self.target_met:
+            return f"validation loss turned up ({self.val_losses[-2]:.3f} -> {loss:.3f})"
+        return None
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list[Any], list[Any], list[str], str]:
@@ -315,8 +427,20 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
                               "val_samples": len(val_set)}
     _write_record(run_dir, record)
 
-    model, trainer, started = _build_trainer(cfg, method, resolved, tokenizer, train_set, val_set, run_dir, emit,
-                                             stop_event)
+    from .models import load_model
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
+                       trust_remote_code=cfg.trust_remote_code, for_training=True)
+    keep_4bit_weights_trainable(model)  # before the first eval-mode forward (replay, samples)
+    persona = persona_for(cfg)
+    ratio = replay_ratio_for(cfg, persona)
+    if ratio > 0 and not cfg.resume_from:
+        train_set = _add_replay(cfg, model, tokenizer, resolved, method, train_set, ratio, emit)
+        record["train_samples"] = len(train_set)
+    model, trainer, started = _build_trainer(cfg, method, model, tokenizer, train_set, val_set, run_dir, emit,
+                                             stop_event, persona)
     status, error = "completed", None
     t0 = time.perf_counter()
     try:
@@ -351,6 +475,11 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
             "final_loss": final_loss, "system": cfg.system}
     target = run_dir / ("model" if method == "full" else "adapter")
     adapter_dir = _save_adapter(model, target, meta, method == "full", tokenizer)
+    watcher = started.get("probes")
+    if watcher is not None and watcher.best_step is not None:
+        best = run_dir / "checkpoints" / f"checkpoint-{watcher.best_step}"
+        record.update(best_step=watcher.best_step, best_checkpoint=str(best) if best.is_dir() else None,
+                      probe_rates={str(k): v for k, v in watcher.steps.items()}, persona=persona)
     record.update(status=status, steps=state.global_step, final_loss=final_loss, elapsed_s=round(elapsed, 2),
                   tokens=tokens, tokens_per_s=round(tokens / elapsed, 1) if elapsed else 0.0,
                   adapter_dir=str(adapter_dir), finished=datetime.now(timezone.utc).isoformat())
@@ -385,24 +514,56 @@ def keep_4bit_weights_trainable(model: Any) -> int:
     return count
 
 
-def _build_trainer(cfg: FinetuneConfig, method: str, resolved: Any, tokenizer: Any, train_set: list, val_set: list,
-                   run_dir: Path, emit: ev.Dispatcher, stop_event: threading.Event) -> tuple[Any, Any, dict]:
+def persona_for(cfg: FinetuneConfig) -> str | None:
+    """The persona name to measure: set in the config, or recorded by `nbtuner data identity`."""
+    if cfg.persona:
+        return cfg.persona
+    sidecar = Path(str(cfg.data) + PERSONA_SIDECAR)
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("persona")
+    return None
+
+
+def replay_ratio_for(cfg: FinetuneConfig, persona: str | None) -> float:
+    """Replay is on by default for identity data, where parroting is the known failure."""
+    if cfg.replay_ratio is not None:
+        return cfg.replay_ratio
+    return DEFAULT_REPLAY_RATIO if persona else 0.0
+
+
+def _add_replay(cfg: FinetuneConfig, model: Any, tokenizer: Any, resolved: Any, method: str, train_set: list,
+                ratio: float, emit: ev.Dispatcher) -> list:
+    from .data import tokenize_dataset
+    from .replay import base_answers, mix, replay_prompts
+
+    prompts = cfg.replay_prompts or replay_prompts()
+    emit(ev.Notice(f"replay: the base model answers {len(prompts)} general prompts (cached after the first run)"))
+    t0 = time.perf_counter()
+    conversations = base_answers(model, tokenizer, prompts, model_key=f"{resolved.path}|{method}",
+                                 system=cfg.system, max_new_tokens=cfg.replay_max_new_tokens)
+    samples = [{"input_ids": s.input_ids, "labels": s.labels, "attention_mask": [1] * len(s.input_ids)}
+               for s in tokenize_dataset(conversations, tokenizer, cfg.max_length, cfg.system) if s.n_trainable]
+    mixed = mix(train_set, samples, ratio, cfg.seed)
+    emit(ev.Notice(f"replay: {len(mixed) - len(train_set)} samples of the base model's own answers to "
+                   f"{len(samples)} general prompts mixed in (ratio {ratio:g}; {time.perf_counter() - t0:.0f} s)"))
+    return mixed
+
+
+def _build_trainer(cfg: FinetuneConfig, method: str, model: Any, tokenizer: Any, train_set: list, val_set: list,
+                   run_dir: Path, emit: ev.Dispatcher, stop_event: threading.Event, persona: str | None
+                   ) -> tuple[Any, Any, dict]:
     import torch
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
-    from .models import compute_dtype, device_kind, load_model
+    from .models import compute_dtype, device_kind
 
-    set_seed(cfg.seed)
     device = device_kind()
     dtype = compute_dtype(cfg.precision, device)
-    model = load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
-                       trust_remote_code=cfg.trust_remote_code, for_training=True)
     if method in ("qlora", "lora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-            keep_4bit_weights_trainable(model)
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -428,7 +589,7 @@ def _build_trainer(cfg: FinetuneConfig, method: str, resolved: Any, tokenizer: A
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     started = {"train": len(train_set), "val": len(val_set), "method": method, "device": device,
                "precision": precision, "trainable": trainable}
-    bridge = _bridge(cfg, emit, stop_event, tokenizer, run_dir, started)
+    bridge = _bridge(cfg, emit, stop_event, tokenizer, run_dir, started, persona)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
                       data_collator=collator, callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)  # our events carry the logs; no raw dicts on stdout
