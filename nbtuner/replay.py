@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 from .chat import GenerationSettings, build_messages, generate
 
+CACHE_VERSION = 2  # bump when the way answers are kept changes
+
 REPLAY_PROMPTS: dict[str, list[str]] = {
     "en": [
         "What is 12 plus 15?", "What is the capital of Japan?", "How many legs does a spider have?",
@@ -46,7 +48,7 @@ def replay_prompts(languages: Sequence[str] = ("en", "zh")) -> list[str]:
 def _cache_file(model_key: str, prompts: Sequence[str], system: str | None, max_new_tokens: int) -> Path:
     from .models import nbtuner_home
 
-    key = json.dumps([model_key, list(prompts), system, max_new_tokens], ensure_ascii=False)
+    key = json.dumps([CACHE_VERSION, model_key, list(prompts), system, max_new_tokens], ensure_ascii=False)
     return nbtuner_home() / "replay" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
