@@ -16,7 +16,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .chat import GenerationSettings, build_messages, generate
 
@@ -52,15 +52,18 @@ def _cache_file(model_key: str, prompts: Sequence[str], system: str | None, max_
     return nbtuner_home() / "replay" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def base_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, model_key: str,
+def base_answers(load_model: Callable[[], Any], tokenizer: Any, prompts: Sequence[str], *, model_key: str,
                  system: str | None = None, max_new_tokens: int = 96, batch_size: int = 8
                  ) -> list[list[dict[str, str]]]:
     """The base model's greedy answers as conversations. An answer cut off by the token limit is
     trimmed to its last full sentence, or dropped when too little is left: a cut-off answer
-    would teach the model to stop mid-sentence."""
+    would teach the model to stop mid-sentence. `load_model` is only called on a cache miss: an
+    inference copy of the base, separate from the one being trained (on a CPU, bitsandbytes'
+    fast 4-bit inference path must stay off in the training copy)."""
     cache = _cache_file(model_key, prompts, system, max_new_tokens)
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
+    model = load_model()
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     conversations = []
     for start in range(0, len(prompts), batch_size):

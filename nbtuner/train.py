@@ -427,18 +427,19 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
                               "val_samples": len(val_set)}
     _write_record(run_dir, record)
 
-    from .models import load_model
     from transformers import set_seed
 
+    from .models import load_model
+
     set_seed(cfg.seed)
-    model = load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
-                       trust_remote_code=cfg.trust_remote_code, for_training=True)
-    keep_4bit_weights_trainable(model)  # before the first eval-mode forward (replay, samples)
     persona = persona_for(cfg)
     ratio = replay_ratio_for(cfg, persona)
     if ratio > 0 and not cfg.resume_from:
-        train_set = _add_replay(cfg, model, tokenizer, resolved, method, train_set, ratio, emit)
+        train_set = _add_replay(cfg, tokenizer, resolved, method, train_set, ratio, emit)
         record["train_samples"] = len(train_set)
+    model = load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
+                       trust_remote_code=cfg.trust_remote_code, for_training=True)
+    keep_4bit_weights_trainable(model)  # before the first eval-mode forward (the step-0 samples)
     model, trainer, started = _build_trainer(cfg, method, model, tokenizer, train_set, val_set, run_dir, emit,
                                              stop_event, persona)
     status, error = "completed", None
@@ -531,15 +532,20 @@ def replay_ratio_for(cfg: FinetuneConfig, persona: str | None) -> float:
     return DEFAULT_REPLAY_RATIO if persona else 0.0
 
 
-def _add_replay(cfg: FinetuneConfig, model: Any, tokenizer: Any, resolved: Any, method: str, train_set: list,
+def _add_replay(cfg: FinetuneConfig, tokenizer: Any, resolved: Any, method: str, train_set: list,
                 ratio: float, emit: ev.Dispatcher) -> list:
     from .data import tokenize_dataset
+    from .models import load_model
     from .replay import base_answers, mix, replay_prompts
 
     prompts = cfg.replay_prompts or replay_prompts()
     emit(ev.Notice(f"replay: the base model answers {len(prompts)} general prompts (cached after the first run)"))
     t0 = time.perf_counter()
-    conversations = base_answers(model, tokenizer, prompts, model_key=f"{resolved.path}|{method}",
+    def inference_copy() -> Any:
+        return load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
+                          trust_remote_code=cfg.trust_remote_code)
+
+    conversations = base_answers(inference_copy, tokenizer, prompts, model_key=f"{resolved.path}|{method}",
                                  system=cfg.system, max_new_tokens=cfg.replay_max_new_tokens)
     samples = [{"input_ids": s.input_ids, "labels": s.labels, "attention_mask": [1] * len(s.input_ids)}
                for s in tokenize_dataset(conversations, tokenizer, cfg.max_length, cfg.system) if s.n_trainable]

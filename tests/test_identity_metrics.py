@@ -88,10 +88,13 @@ def test_replay_uses_the_base_models_own_answers(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     prompts = ["Who are you?", "What is the capital of France?", "hello world"]
     expected = generate(model, tokenizer, [build_messages(p) for p in prompts], GenerationSettings(max_new_tokens=200))
-    conversations = base_answers(model, tokenizer, prompts, model_key="tiny", max_new_tokens=200)
+    conversations = base_answers(lambda: model, tokenizer, prompts, model_key="tiny", max_new_tokens=200)
     finished = {p: a for p, a in zip(prompts, expected) if a}
     assert {c[0]["content"]: c[1]["content"] for c in conversations} == finished
-    cached = base_answers(None, tokenizer, prompts, model_key="tiny", max_new_tokens=200)  # no model needed
+    def must_not_load():
+        raise AssertionError("cached answers must not load a model")
+
+    cached = base_answers(must_not_load, tokenizer, prompts, model_key="tiny", max_new_tokens=200)
     assert cached == conversations
     mixed = mix(list(range(10)), ["r1", "r2"], 0.5, seed=0)
     assert len(mixed) == 15 and mixed.count("r1") == 3 and mixed.count("r2") == 2
