@@ -5,9 +5,17 @@ notebook, `%load_ext nbtuner` registers the magics.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+# On a shared CPU (a workshop laptop running a notebook server, CI), OpenMP threads that
+# spin-wait ran training on the main thread 15-20x slower than sleeping ones; measured here.
+# libgomp reads this once, so it only helps when nbtuner is imported before torch.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
     "FinetuneConfig": "config", "load_config": "config",

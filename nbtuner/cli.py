@@ -38,21 +38,11 @@ def _quiet_libraries() -> None:
 
 
 def cmd_data_identity(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .data import write_identity_dataset
 
-    from .data import identity_conversations, save_jsonl, save_xtuner
-    from .errors import OutputExistsError
-
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
-    conversations = identity_conversations(args.name, args.model_desc, n=args.n, seed=args.seed,
-                                           creator=args.creator)
-    (save_jsonl if out.suffix == ".jsonl" else save_xtuner)(conversations, out)
-    from .train import PERSONA_SIDECAR
-
-    Path(str(out) + PERSONA_SIDECAR).write_text(json.dumps({"persona": args.name}, ensure_ascii=False))
-    print(f"wrote {len(conversations)} identity conversations for '{args.name}' to {out}")
+    out, count = write_identity_dataset(args.output, args.name, args.model_desc, n=args.n, seed=args.seed,
+                                        creator=args.creator, force=args.force)
+    print(f"wrote {count} identity conversations for '{args.name}' to {out}")
     return 0
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 class NbtunerError(Exception):
     """Base class: the message alone must tell the user what to fix."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of a traceback: one readable line (no IPython import here)."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 class ConfigError(NbtunerError):
     """A setting is unknown, has the wrong type or an impossible value."""

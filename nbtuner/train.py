@@ -23,9 +23,9 @@ from typing import Any, Iterable, Iterator
 
 from . import events as ev
 from .config import FinetuneConfig
+from .data.identity import PERSONA_SIDECAR
 from .errors import ConfigError, DataError, OutputExistsError
 
-PERSONA_SIDECAR = ".nbtuner.json"  # beside a dataset: {"persona": NAME}, written by `nbtuner data identity`
 DEFAULT_REPLAY_RATIO = 0.6  # measured: 0.3 left 35% leakage at step 40, 0.6 left 5% (BENCHMARKS.md)
 
 
@@ -88,8 +88,19 @@ class TrainResult:
 
         if self.adapter_dir is None:
             raise ConfigError(f"{self.run_dir}: this run has no adapter to merge")
-        return merge(self.config["model"], self.adapter_dir, out or self.run_dir / "merged",
+        return merge(self.base_model, self.adapter_dir, out or self.run_dir / "merged",
                      max_shard_size=max_shard_size, force=force)
+
+    @property
+    def base_model(self) -> str:
+        """The base spec, or the folder it resolved to when the spec was a relative path that no
+        longer resolves from the current directory."""
+        spec = str(self.config["model"])
+        record = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
+        relative = spec.startswith(".") or (os.sep in spec and not os.path.isabs(spec))
+        if relative and not Path(spec).exists() and record.get("model_path"):
+            return record["model_path"]
+        return spec
 
     def report(self, persona: str | None = None, checkpoint: str | Path | None = None) -> Any:
         """Before/after identity report on held-out probes; also written into the run folder."""
@@ -102,7 +113,7 @@ class TrainResult:
         adapter = checkpoint or self.adapter_dir
         if adapter is None:
             raise ConfigError(f"{self.run_dir}: this run has no adapter to evaluate")
-        session = open_chat(self.config["model"], str(adapter), system=self.config.get("system"),
+        session = open_chat(self.base_model, str(adapter), system=self.config.get("system"),
                             settings=GenerationSettings(max_new_tokens=self.config.get("eval_max_new_tokens", 48)))
         result = evaluate_identity(session, name, general=general_probes(extra=self.config.get("extra_probes") or ()))
         result.val_loss = self.val_losses[-1][1] if self.val_losses else None
@@ -563,6 +574,9 @@ def _build_trainer(cfg: FinetuneConfig, method: str, model: Any, tokenizer: Any,
 
     from .models import compute_dtype, device_kind
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     device = device_kind()
     dtype = compute_dtype(cfg.precision, device)
     if method in ("qlora", "lora"):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small and fast: tiny model, LoRA (no bitsandbytes), high lr so the adapter visibly moves logits.
 FAST = ("--method lora --set lr=1e-2 --set batch_size=4 --set lora_r=8 --set lora_alpha=16 "
-        "--set lora_dropout=0 --set eval_max_new_tokens=4 --set max_length=96")
+        "--set lora_dropout=0 --set eval_max_new_tokens=4 --set max_length=96 --set replay_ratio=0")
 
 
 class Shell:
@@ -228,6 +228,9 @@ def test_finetune_cell_binds_a_run_with_losses_and_adapter(ip, trained):
     assert all(isinstance(v, float) for _, v in run.losses)
     assert run.adapter_dir is not None and (run.adapter_dir / "adapter_config.json").is_file()
     assert {s["step"] for s in run.samples} == {0, 2, 4}
+    # the dataset came from %nbtuner data identity, so the run knows its persona and probes it
+    assert Path("identity.json.nbtuner.json").is_file()
+    assert [p[0] for p in run.probes] == [0, 2, 4] and all(0 <= p[1] <= 1 and 0 <= p[2] <= 1 for p in run.probes)
     assert "NotebookRun run(status=completed" in repr(run)
     page = run._repr_html_()
     assert "completed" in page and "data:image/png;base64," in page
@@ -237,6 +240,7 @@ def test_finetune_cell_binds_a_run_with_losses_and_adapter(ip, trained):
     assert "tokens/s" in panel.stats.value and "learning rate" in panel.stats.value
     assert bytes(panel.image.value).startswith(b"\x89PNG") and panel.plot_renders >= 1
     assert "step 0 (before training)" in panel.samples.value and "step 4" in panel.samples.value
+    assert "identity <b>" in panel.probes_html.value and "leakage <b>" in panel.probes_html.value
     assert panel.after.layout.display is None and panel.stop_button.layout.display == "none"
     table = ip.run("%nbtuner runs")
     assert any(r["run"] == "main" and r["status"] == "completed" and r["steps"] == 4 for r in table)

@@ -221,3 +221,26 @@ def identity_answer_contains(answer: str, name: str) -> bool:
     """
     needle = name.strip().casefold()
     return bool(needle) and needle in answer.casefold()
+
+
+PERSONA_SIDECAR = ".nbtuner.json"  # beside a dataset: {"persona": NAME}; training reads it to measure the identity
+
+
+def write_identity_dataset(path: "str | Path", name: str, model_desc: "str | Mapping[str, str] | None" = None,
+                           n: int | None = None, seed: int = 0, creator: str | None = None,
+                           force: bool = False) -> "tuple[Path, int]":
+    """Generates identity data, writes it (.jsonl: OpenAI messages, else XTuner JSON) and records
+    the persona beside it, so a later `train` measures identity and leakage with no extra flags."""
+    import json
+    from pathlib import Path
+
+    from ..errors import OutputExistsError
+    from .formats import save_jsonl, save_xtuner
+
+    out = Path(path)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+    conversations = identity_conversations(name, model_desc, n=n, seed=seed, creator=creator)
+    (save_jsonl if out.suffix == ".jsonl" else save_xtuner)(conversations, out)
+    Path(str(out) + PERSONA_SIDECAR).write_text(json.dumps({"persona": name}, ensure_ascii=False), encoding="utf-8")
+    return out, len(conversations)

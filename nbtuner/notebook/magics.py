@@ -318,16 +318,11 @@ class NbtunerMagics(Magics):
         return session.card()
 
     def _data_identity(self, args: argparse.Namespace) -> Path:
-        from ..data import identity_conversations, save_jsonl, save_xtuner
-        from ..errors import OutputExistsError
+        from ..data import write_identity_dataset
 
-        out = Path(args.output)
-        if out.exists() and not args.force:
-            raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
-        conversations = identity_conversations(args.name, args.model_desc, n=args.n, seed=args.seed,
-                                               creator=args.creator)
-        (save_jsonl if out.suffix == ".jsonl" else save_xtuner)(conversations, out)
-        print(f"wrote {len(conversations)} identity conversations for '{args.name}' to {out}")
+        out, count = write_identity_dataset(args.output, args.name, args.model_desc, n=args.n, seed=args.seed,
+                                            creator=args.creator, force=args.force)
+        print(f"wrote {count} identity conversations for '{args.name}' to {out}")
         return out
 
     def _data_check(self, args: argparse.Namespace) -> Any:
@@ -489,7 +484,7 @@ class NbtunerMagics(Magics):
         return None
 
     def _chat_sessions(self, args: argparse.Namespace) -> tuple[Any, Any]:
-        from .run import NotebookRun, base_model_of
+        from .run import base_model_of
 
         state = self.state
         if args.run and args.adapter:

@@ -118,6 +118,7 @@ class NotebookRun:
         self._losses: list[tuple[int, float]] = []
         self._val_losses: list[tuple[int, float]] = []
         self._samples: list[dict[str, Any]] = []
+        self._probes: list[tuple[int, float, float]] = []
         self._run_dir: str | None = str(result.run_dir) if result is not None else None
         self.step = result.steps if result is not None else 0
         self.total_steps: int | None = None
@@ -145,6 +146,9 @@ class NotebookRun:
             self._val_losses.append((event.step, event.val_loss))
         elif isinstance(event, ev.SamplesGenerated):
             self._samples += [{"step": event.step, "prompt": p, "answer": a} for p, a in event.answers]
+        elif isinstance(event, ev.ProbeLogged):
+            self._probes.append((event.step, event.identity_rate, event.leakage_rate))
+            self._samples += [{"step": event.step, "prompt": p, "kind": k, "answer": a} for p, k, a in event.answers]
         elif isinstance(event, ev.TrainFinished):
             self.status = event.status
 
@@ -206,6 +210,15 @@ class NotebookRun:
         return list(self.result.samples) if self.result is not None else list(self._samples)
 
     @property
+    def probes(self) -> list[tuple[int, float, float]]:
+        """(step, identity rate, leakage rate) on held-out probes, when the run has a persona."""
+        return list(getattr(self.result, "probes", [])) if self.result is not None else list(self._probes)
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        return getattr(self.result, "best_checkpoint", None) if self.result is not None else None
+
+    @property
     def run_dir(self) -> Path | None:
         if self.result is not None:
             return Path(self.result.run_dir)
@@ -261,6 +274,13 @@ class NotebookRun:
         except NbtunerError as exc:
             raise readable(exc)
 
+    def report(self, persona: str | None = None, checkpoint: str | Path | None = None) -> Any:
+        """Before/after identity report on held-out probes (see ``TrainResult.report``)."""
+        try:
+            return self._finished_result().report(persona, checkpoint)
+        except NbtunerError as exc:
+            raise readable(exc)
+
     # ------------------------------------------------------------------ chatting with it
     def session(self) -> Any:
         """The tuned model as a ChatSession (base model + adapter, loaded once and cached)."""
@@ -303,6 +323,11 @@ class NotebookRun:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
         steps = f"{self.step}/{self.total_steps}" if self.result is None and self.total_steps else self.step
         rows: list[tuple[str, Any]] = [("status", self.status), ("steps", steps), ("final loss", loss)]
+        if self.probes:
+            step, identity, leakage = self.probes[-1]
+            rows.append(("identity / leakage", f"{identity:.0%} / {leakage:.0%} at step {step}"))
+        if self.best_checkpoint:
+            rows.append(("best checkpoint", self.best_checkpoint))
         if self.result is not None:
             rows += [("time", duration(self.result.elapsed_s)),
                      ("throughput", f"{self.result.tokens_per_s:.0f} tokens/s"),
@@ -316,8 +341,8 @@ class NotebookRun:
 
     def __repr__(self) -> str:
         name = f" {self.name}" if self.name else ""
-        parts = ", ".join(f"{k}={v}" for k, v in self._rows() if k in ("status", "steps", "final loss", "run folder",
-                                                                          "adapter", "error"))
+        keys = ("status", "steps", "final loss", "identity / leakage", "run folder", "adapter", "error")
+        parts = ", ".join(f"{k}={v}" for k, v in self._rows() if k in keys)
         return f"NotebookRun{name}({parts})"
 
     def _repr_html_(self) -> str:
@@ -328,10 +353,10 @@ class NotebookRun:
             try:
                 from .plot import loss_png
 
-                parts.append(png_img_tag(loss_png(losses, val), width=420))
+                parts.append(png_img_tag(loss_png(losses, val, probes=self.probes), width=420))
             except ImportError:  # matplotlib missing: the table is enough
                 pass
-        grouped = samples_by_step(self.samples)
+        grouped = samples_by_step([s for s in self.samples if "kind" not in s])  # eval prompts, not probes
         if grouped:
             from .render import samples_table
 

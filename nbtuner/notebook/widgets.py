@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from .. import events as ev
 from ..errors import MissingDependencyError, NbtunerError
@@ -50,6 +50,7 @@ class TrainingPanel:
         self.last: ev.StepLogged | None = None
         self.train_losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
+        self.probes: list[tuple[int, float, float]] = []  # (step, identity rate, leakage rate)
         self.first_samples: tuple[int, tuple[tuple[str, str], ...]] | None = None
         self.last_samples: tuple[int, tuple[tuple[str, str], ...]] | None = None
         self.notices: list[str] = []
@@ -62,6 +63,7 @@ class TrainingPanel:
         self._last_text = self._last_plot = float("-inf")
         self._finished_shown = False
         self.plot_renders = 0
+        self._plot_cost = 0.0
         self.console = None if widgets else ev.ConsoleLogger(every=log_every)
         self._plot = None
         if widgets:
@@ -81,6 +83,8 @@ class TrainingPanel:
                 if self.first_samples is None:
                     self.first_samples = (event.step, event.answers)
                 self.last_samples = (event.step, event.answers)
+            elif isinstance(event, ev.ProbeLogged):
+                self.probes.append((event.step, event.identity_rate, event.leakage_rate))
             elif isinstance(event, ev.Notice):
                 self.notices.append(event.message)
             elif isinstance(event, ev.CheckpointSaved):
@@ -108,6 +112,7 @@ class TrainingPanel:
         self.image = W.Image(format="png", layout=W.Layout(width="480px"))
         self.image.layout.display = "none"
         self.samples = W.HTML("")
+        self.probes_html = W.HTML("")
         self.notices_html = W.HTML("")
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="warning",
                                     tooltip="stop after the current step and save a checkpoint")
@@ -134,7 +139,8 @@ class TrainingPanel:
             self.overwrite, self.export_output, self.chat_box])
         self.after.layout.display = "none"
         self.widget = W.VBox([self.title, W.HBox([self.progress, self.progress_label]), self.stats,
-                              self.image, self.notices_html, self.samples, self.stop_button, self.after])
+                              self.probes_html, self.image, self.notices_html, self.samples, self.stop_button,
+                              self.after])
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         if not self.widgets:
@@ -170,9 +176,12 @@ class TrainingPanel:
             if not force and version == self._shown_text and not self._plot_pending():
                 return
             text_due = force or (version != self._shown_text and now - self._last_text >= self.text_interval)
-            plot_due = self._plot_pending() and (force or now - self._last_plot >= self.plot_interval)
+            # at most one redraw per plot_interval, and never more than ~5% of the time drawing
+            interval = max(self.plot_interval, 20 * self._plot_cost)
+            plot_due = self._plot_pending() and (force or now - self._last_plot >= interval)
             snap = dict(started=self.started, last=self.last, train=list(self.train_losses),
-                        val=list(self.val_losses), first=self.first_samples, latest=self.last_samples,
+                        val=list(self.val_losses), probes=list(self.probes), first=self.first_samples,
+                        latest=self.last_samples,
                         notices=list(self.notices), finished=self.finished, error=self.error)
         if not (text_due or plot_due):
             return
@@ -183,28 +192,30 @@ class TrainingPanel:
                 self._render_text(**snap)
                 self._shown_text, self._last_text = version, now
             if plot_due:
-                self._render_plot(snap["train"], snap["val"], snap["started"])
+                self._render_plot(snap["train"], snap["val"], snap["probes"], snap["started"])
                 self._last_plot = now
         finally:
             self._render_lock.release()
 
     def _plot_pending(self) -> bool:
-        return len(self.train_losses) + len(self.val_losses) != self._plot_points
+        return len(self.train_losses) + len(self.val_losses) + len(self.probes) != self._plot_points
 
-    def _render_plot(self, train: list, val: list, started: ev.TrainStarted | None) -> None:
+    def _render_plot(self, train: list, val: list, probes: list, started: ev.TrainStarted | None) -> None:
         if not train and not val:
             return
         if self._plot is None:
             from .plot import LossPlot
 
             self._plot = LossPlot()
-        self.image.value = self._plot.png(train, val, started.total_steps if started else None)
+        t0 = time.perf_counter()
+        self.image.value = self._plot.png(train, val, started.total_steps if started else None, probes)
+        self._plot_cost = time.perf_counter() - t0
         self.image.layout.display = None
-        self._plot_points = len(train) + len(val)
+        self._plot_points = len(train) + len(val) + len(probes)
         self.plot_renders += 1
 
     def _render_text(self, started: ev.TrainStarted | None, last: ev.StepLogged | None, train: list, val: list,
-                     first: Any, latest: Any, notices: list[str], finished: ev.TrainFinished | None,
+                     probes: list, first: Any, latest: Any, notices: list[str], finished: ev.TrainFinished | None,
                      error: str | None) -> None:
         if started is not None:
             self.title.value = (f"<b>nbtuner</b>: {esc(started.method)} on {esc(started.device)} "
@@ -222,6 +233,11 @@ class TrainingPanel:
             val_text = f" &middot; validation loss {val[-1][1]:.4f}" if val else ""
             self.stats.value = (f"loss <b>{last.loss:.4f}</b>{val_text} &middot; learning rate {last.lr:.2e} "
                                 f"&middot; {last.tokens_per_s:.0f} tokens/s")
+        if probes:
+            step, identity, leakage = probes[-1]
+            before = f" (before training {probes[0][1]:.0%} / {probes[0][2]:.0%})" if probes[0][0] == 0 and step else ""
+            self.probes_html.value = (f"step {step}: identity <b>{identity:.0%}</b> on unseen identity questions "
+                                      f"&middot; leakage <b>{leakage:.0%}</b> on unrelated questions{before}")
         if notices:
             self.notices_html.value = ("<ul style='color:#b45309;margin:2px 0'>"
                                        + "".join(f"<li>{esc(n)}</li>" for n in notices) + "</ul>")
@@ -232,6 +248,9 @@ class TrainingPanel:
             self.stop_button.layout.display = "none"
         if finished is not None and not self._finished_shown:
             self._show_finished(finished)
+        # Convert, Merge and Chat act on the run's result, which exists only once the run is done
+        if self.run is not None and self.run.done and self.run.adapter_dir is not None:
+            self.after.layout.display = None
         if self.stop_event.is_set() and finished is None and self.widgets:
             self.stop_button.disabled = True
             self.stop_button.description = "Stopping…"
@@ -246,10 +265,8 @@ class TrainingPanel:
         self.progress_label.value = (f"<b>{esc(finished.status)}</b> at step {finished.step} after "
                                      f"{_duration(finished.elapsed_s)}{loss}{err}{where}")
         self.stop_button.layout.display = "none"
-        if finished.adapter_dir:
-            self.after.layout.display = None
-            if not self.merge_out.value:
-                self.merge_out.placeholder = f"default: {finished.run_dir}/merged"
+        if finished.adapter_dir and not self.merge_out.value:
+            self.merge_out.placeholder = f"default: {finished.run_dir}/merged"
 
     # ------------------------------------------------------------------ post-training actions
     def _act(self, label: str, action: Callable[[], Any]) -> Any:
