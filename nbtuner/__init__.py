@@ -5,6 +5,7 @@ notebook, `%load_ext nbtuner` registers the magics.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -16,6 +17,18 @@ __version__ = "0.1.0"
 # libgomp reads this once, so it only helps when nbtuner is imported before torch.
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+
+class _DropHubKernelNotice(logging.Filter):
+    """bitsandbytes logs, when peft or the Trainer import it, that an optional CPU kernel it
+    would fetch from a model hub is missing; harmless, and confusing in a workshop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
 
 _LAZY = {
     "FinetuneConfig": "config", "load_config": "config",

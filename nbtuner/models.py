@@ -200,16 +200,6 @@ def quantization_config(dtype: Any) -> Any:
                               bnb_4bit_compute_dtype=dtype)
 
 
-def _quiet_bitsandbytes() -> None:
-    """bitsandbytes warns on import about an optional kernel it would fetch from a hub; harmless."""
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "kernels-community" not in record.getMessage()
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop())
-
-
-_quiet_bitsandbytes()  # before anything imports bitsandbytes (peft and the Trainer do)
 
 
 def load_tokenizer(spec: str | ResolvedModel, trust_remote_code: bool = False) -> Any:
