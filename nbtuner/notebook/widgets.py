@@ -227,9 +227,10 @@ class TrainingPanel:
         if last is not None:
             self.progress.max = max(last.total_steps, 1)
             self.progress.value = min(last.step, self.progress.max)
-            self.progress_label.value = (f"step {last.step}/{last.total_steps} &middot; epoch {last.epoch:.2f} "
-                                         f"&middot; {_duration(last.elapsed_s)} elapsed &middot; "
-                                         f"ETA {_duration(last.eta_s)}")
+            if finished is None:  # once finished, the label holds the final status (_show_finished)
+                self.progress_label.value = (f"step {last.step}/{last.total_steps} &middot; epoch {last.epoch:.2f} "
+                                             f"&middot; {_duration(last.elapsed_s)} elapsed &middot; "
+                                             f"ETA {_duration(last.eta_s)}")
             val_text = f" &middot; validation loss {val[-1][1]:.4f}" if val else ""
             self.stats.value = (f"loss <b>{last.loss:.4f}</b>{val_text} &middot; learning rate {last.lr:.2e} "
                                 f"&middot; {last.tokens_per_s:.0f} tokens/s")
