@@ -85,7 +85,8 @@ def generate(model: Any, tokenizer: Any, messages_batch: list[list[dict[str, str
     model.eval()
     try:
         with torch.inference_mode():
-            out = model.generate(**enc, **settings.generate_kwargs(), eos_token_id=stop_token_ids(tokenizer, model),
+            out = model.generate(**enc, **settings.generate_kwargs(), use_cache=True,  # training turns it off
+                                 eos_token_id=stop_token_ids(tokenizer, model),
                                  pad_token_id=tokenizer.pad_token_id, streamer=streamer)
     finally:
         if was_training:
