@@ -6,8 +6,11 @@ and chat code run against the same template logic as the real model, only smalle
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -80,3 +83,28 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     shared = os.environ.get("NBTUNER_TEST_HOME")
     home = Path(shared) if shared else tmp_path_factory.getbasetemp() / "nbtuner-home"
     monkeypatch.setenv("NBTUNER_HOME", str(home))
+
+
+ARTIFACTS_ROOT = Path(os.environ.get("NBTUNER_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
+
+
+@contextlib.contextmanager
+def exclusive_artifacts(name: str) -> Iterator[Path]:
+    """test-artifacts/NAME/, fresh for this session; a second test session running at the same time
+    (two people in one checkout) gets NAME-PID/ instead of deleting the first one's files."""
+    import fcntl
+
+    ARTIFACTS_ROOT.mkdir(parents=True, exist_ok=True)
+    lock = open(ARTIFACTS_ROOT / f".{name}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        folder = ARTIFACTS_ROOT / name
+    except OSError:
+        folder = ARTIFACTS_ROOT / f"{name}-{os.getpid()}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        lock.close()

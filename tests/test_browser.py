@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,11 +25,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import exclusive_artifacts
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = Path(os.environ.get("NBTUNER_ARTIFACTS") or ROOT / "test-artifacts") / "browser"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -80,24 +79,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def artifacts():
-    """test-artifacts/browser/, fresh for each run; a second test session running at the same time
-    (two people in one checkout) gets browser-PID/ instead of deleting the first one's files."""
-    import fcntl
-
-    ARTIFACTS.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(ARTIFACTS.parent / ".browser.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        folder = ARTIFACTS
-    except OSError:
-        folder = ARTIFACTS.with_name(f"browser-{os.getpid()}")
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    try:
+    with exclusive_artifacts("browser") as folder:
         yield folder
-    finally:
-        lock.close()
 
 
 @pytest.fixture

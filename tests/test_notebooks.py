@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
+from conftest import exclusive_artifacts
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -28,7 +28,6 @@ from nbclient.exceptions import CellExecutionError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-ARTIFACTS = Path(os.environ.get("NBTUNER_ARTIFACTS") or ROOT / "test-artifacts") / "notebooks"
 CELL_TIMEOUT = 900
 
 # Short settings for CI: a few training steps, no in-training evaluation, a tiny replay set.
@@ -60,26 +59,8 @@ def inject_parameters(book, values: dict[str, object]):
 
 @pytest.fixture(scope="module")
 def workdir():
-    """test-artifacts/notebooks/, fresh for each test session; the notebooks run in it.
-
-    A second test session running at the same time (two people in one checkout) gets its own
-    notebooks-PID/ folder instead of deleting the first one's work."""
-    import fcntl
-
-    ARTIFACTS.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(ARTIFACTS.parent / ".notebooks.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        folder = ARTIFACTS
-    except OSError:
-        folder = ARTIFACTS.with_name(f"notebooks-{os.getpid()}")
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    try:
+    with exclusive_artifacts("notebooks") as folder:
         yield folder
-    finally:
-        lock.close()
 
 
 def test_the_course_is_there():
