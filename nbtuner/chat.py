@@ -95,6 +95,21 @@ def generate(model: Any, tokenizer: Any, messages_batch: list[list[dict[str, str
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
+ANSWER_BATCH = 64  # measured on 2 CPU cores: 40 replay prompts took 129 s in batches of 8, 39 s in one
+
+
+def answer_prompts(model: Any, tokenizer: Any, prompts: Iterable[str], settings: GenerationSettings | None = None,
+                   system: str | None = None, batch_size: int = ANSWER_BATCH) -> list[str]:
+    """Single-turn answers to many prompts. Generation pays per new token, not per sequence, so
+    big batches are what make probes and replay cheap; batch_size only bounds the memory."""
+    prompts = list(prompts)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [build_messages(p, (), system) for p in prompts[start:start + batch_size]]
+        answers += generate(model, tokenizer, chunk, settings)
+    return answers
+
+
 @dataclass
 class Answer:
     prompt: str
@@ -147,9 +162,8 @@ class ChatSession:
     def answer_all(self, prompts: list[str], which: str | None = None) -> list[Answer]:
         """Single-turn answers to many prompts in one batch (no history)."""
         which = which or ("tuned" if self.has_adapter else "base")
-        batch = [build_messages(p, (), self.system) for p in prompts]
         with self._variant(which):
-            answers = generate(self.model, self.tokenizer, batch, self.settings)
+            answers = answer_prompts(self.model, self.tokenizer, prompts, self.settings, self.system)
         return [Answer(p, which, a) for p, a in zip(prompts, answers)]
 
     def compare(self, prompts: list[str]) -> list[tuple[Answer, Answer]]:

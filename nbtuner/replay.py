@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .chat import GenerationSettings, build_messages, generate
+from .chat import GenerationSettings, answer_prompts
 
 CACHE_VERSION = 2  # bump when the way answers are kept changes
 
@@ -53,8 +53,7 @@ def _cache_file(model_key: str, prompts: Sequence[str], system: str | None, max_
 
 
 def base_answers(load_model: Callable[[], Any], tokenizer: Any, prompts: Sequence[str], *, model_key: str,
-                 system: str | None = None, max_new_tokens: int = 96, batch_size: int = 8
-                 ) -> list[list[dict[str, str]]]:
+                 system: str | None = None, max_new_tokens: int = 96) -> list[list[dict[str, str]]]:
     """The base model's greedy answers as conversations. An answer cut off by the token limit is
     trimmed to its last full sentence, or dropped when too little is left: a cut-off answer
     would teach the model to stop mid-sentence. `load_model` is only called on a cache miss: an
@@ -64,16 +63,13 @@ def base_answers(load_model: Callable[[], Any], tokenizer: Any, prompts: Sequenc
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     model = load_model()
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    answers = answer_prompts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=max_new_tokens), system)
     conversations = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        answers = generate(model, tokenizer, [build_messages(p, (), system) for p in chunk], settings)
-        for prompt, answer in zip(chunk, answers):
-            if len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1:
-                answer = last_full_sentence(answer)
-            if answer:
-                conversations.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    for prompt, answer in zip(prompts, answers):
+        if len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1:
+            answer = last_full_sentence(answer)
+        if answer:
+            conversations.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(conversations, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -72,6 +72,12 @@ def test_early_stop_rules() -> None:
     assert "leakage rose" in leaky.update(20, 1.0, 0.4)
     assert leaky.best_step == 10  # identity up but leakage worse: the earlier step stays best
 
+    learning = EarlyStop(0.9, 0.1)
+    learning.update(0, 0.0, 0.0)
+    assert learning.update(20, 1.0, 0.15) is None  # first time at the target: replay may still fix leakage
+    assert "leakage rose" in learning.update(40, 1.0, 0.2)
+    assert learning.best_step == 20
+
     val = EarlyStop(0.9, 0.1)
     assert val.update_val_loss(10, 1.0) is None
     val.update(10, 0.95, 0.3)
@@ -122,6 +128,14 @@ def test_training_with_persona_probes_replays_and_marks_best(tiny_model_dir: Pat
     record = json.loads((result.run_dir / "run.json").read_text())
     assert record["persona"] == "Nova" and record["best_step"] in (2, 4)
     assert Path(record["best_checkpoint"]).is_dir()  # saved even though save_steps=0
+    assert (result.run_dir / "checkpoints" / "checkpoint-4").is_dir()  # the last step is kept too
+    assert record["adapter_step"] == record["best_step"]
+    import torch
+    from safetensors.torch import load_file
+
+    shipped = load_file(result.adapter_dir / "adapter_model.safetensors")
+    best = load_file(Path(record["best_checkpoint"]) / "adapter_model.safetensors")
+    assert shipped.keys() == best.keys() and all(torch.equal(shipped[k], best[k]) for k in shipped)
     assert result.persona == "Nova" and [p[0] for p in result.probes] == [0, 2, 4]
 
 
@@ -131,3 +145,32 @@ def test_cut_off_replay_answers_are_trimmed_to_a_sentence() -> None:
     assert last_full_sentence("Paris is the capital. It has many muse") == "Paris is the capital."
     assert last_full_sentence("巴黎是首都。它有很多博物") == "巴黎是首都。"
     assert last_full_sentence("A. and then a very long unfinished clause without an end") == ""
+
+
+def test_the_best_probe_step_is_what_adapter_holds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run that went past its best step ships the best step's weights, not the last ones."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from nbtuner import events as ev
+    from nbtuner.train import restore_best_adapter
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "checkpoint-2")
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(1.0)
+    watch = EarlyStop(identity_target=0.9, leakage_max=0.1)
+    watch.update(2, 1.0, 0.0)
+    watch.update(4, 1.0, 0.5)
+    notices: list = []
+    step = restore_best_adapter(model, tmp_path / "checkpoint-2", watch, 4, ev.Dispatcher([notices.append]))
+    assert step == 2 and "step 2" in notices[0].message
+    restored = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
+    missing = restore_best_adapter(model, tmp_path / "nowhere", watch, 4, ev.Dispatcher([notices.append]))
+    assert missing == 4 and "no checkpoint" in notices[-1].message

@@ -219,6 +219,19 @@ def test_data_magics(ip, tiny_model_dir):
         ip.run("%nbtuner data identity --name Nova -n 24 -o identity.json")
 
 
+def test_quoted_magic_values_arrive_without_their_quotes(ip):
+    from nbtuner.data import load_conversations
+    from nbtuner.data.identity import PERSONA_SIDECAR
+    from nbtuner.notebook.magics import _split
+
+    ip.run('%nbtuner data identity --name "Nova Prime" --creator "Ada Lab" -n 4 -o quoted.json --force')
+    persona = json.loads(Path("quoted.json" + PERSONA_SIDECAR).read_text())["persona"]
+    answers = " ".join(c[-1]["content"] for c in load_conversations("quoted.json"))
+    assert persona == "Nova Prime" and "Nova Prime" in answers and '"' not in answers
+    assert _split("""--set "system=Be brief" --creator 'Ada Lab' x""") == ["--set", "system=Be brief", "--creator",
+                                                                       "Ada Lab", "x"]
+
+
 # ---------------------------------------------------------------------------------------- training
 def test_finetune_cell_binds_a_run_with_losses_and_adapter(ip, trained):
     run = ip.ns["run"]
@@ -446,14 +459,8 @@ def test_magic_convert(ip, trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- real model
-def _integration_selected(config) -> bool:
-    return "integration" in (config.getoption("-m") or "") or os.environ.get("NBTUNER_INTEGRATION") == "1"
-
-
 @pytest.mark.integration
-def test_smollm2_card_and_chat(ip, request, capsys):
-    if not _integration_selected(request.config):
-        pytest.skip("integration: run with -m integration or NBTUNER_INTEGRATION=1")
+def test_smollm2_card_and_chat(ip, capsys):
     card = ip.run("%nbtuner model smollm2")
     assert 100e6 < card.parameters < 200e6
     ip.run("%chat --max-new-tokens 12 --clear Who are you?")

@@ -7,6 +7,7 @@ matplotlib): those load when a magic first needs them.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import threading
@@ -16,8 +17,7 @@ from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import (MagicArgumentParser, argument, magic_arguments,
-                                          parse_argstring)
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from ..errors import ConfigError, NbtunerError
 
@@ -128,6 +128,8 @@ def _nbtuner_parser() -> MagicArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     model = sub.add_parser("model", add_help=False, help="load a base model (and tokenizer) and show its card")
     model.add_argument("spec", nargs="?", help="smollm2 (default), a local folder, a .gguf file or a hub id")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="run the model's own Python code (models such as InternLM2 need it)")
     data = sub.add_parser("data", add_help=False, help="make or check a dataset")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     ident = data_sub.add_parser("identity", add_help=False, help="generate an identity dataset")
@@ -285,7 +287,7 @@ class NbtunerMagics(Magics):
             _quiet_libraries()
         try:
             if command == "model":
-                return self._model(args.spec)
+                return self._model(args.spec, args.trust_remote_code)
             if command == "data":
                 if args.data_command is None:
                     raise UsageError("%nbtuner data: give an action: identity or check")
@@ -307,12 +309,14 @@ class NbtunerMagics(Magics):
 
     nbtuner.__doc__ = _nbtuner_help()
 
-    def _model(self, spec: str | None) -> Any:
+    def _model(self, spec: str | None, trust_remote_code: bool = False) -> Any:
         if spec is None:
             if self.state.model_spec is None:
                 print("no model loaded yet: %nbtuner model SPEC (e.g. smollm2)")
                 return None
             spec = self.state.model_spec
+        if trust_remote_code:
+            self.state.sessions.trusted.add(spec)
         session = self.state.sessions.get(spec)
         self.state.model_spec = spec
         return session.card()
@@ -381,7 +385,7 @@ class NbtunerMagics(Magics):
             %finetune --data data/nova.json --method lora --epochs 1 -o run
             run.compare(["Who are you?"])
         """
-        args = parse_argstring(self.finetune, line)
+        args = _parse(self.finetune, line)
         if args.epochs is not None and args.max_steps is not None:
             raise UsageError("%finetune: give --epochs or --max-steps, not both")
         if args.output is not None and not args.output.isidentifier():
@@ -453,7 +457,7 @@ class NbtunerMagics(Magics):
             %chat --adapter runs/nova/adapter
         """
         option_text, prompt = split_chat_line(line)
-        args = parse_argstring(self.chat, option_text)
+        args = _parse(self.chat, option_text)
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise UsageError("%chat: --max-new-tokens must be at least 1")
         _quiet_libraries()
@@ -539,9 +543,16 @@ class NbtunerMagics(Magics):
 
 
 def _split(line: str) -> list[str]:
+    """Shell-style words: `--creator "Ada Lab"` gives `Ada Lab`, without the quotes. IPython's own
+    parse_argstring keeps the quotes (it splits with posix=False), so a quoted value would reach
+    the data and the config with its quote marks."""
     from IPython.utils._process_common import arg_split
 
-    return arg_split(line, strict=False)
+    return arg_split(line, posix=os.name != "nt", strict=False)
+
+
+def _parse(magic: Any, line: str) -> argparse.Namespace:
+    return magic.parser.parse_args(_split(line))
 
 
 _CHAT_LINE = re.compile(r"^(\s*)%chat\s+(.*\S)\s*$")

@@ -39,6 +39,7 @@ class SessionCache:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._sessions: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+        self.trusted: set[str] = set()  # models whose own code the user allowed (--trust-remote-code)
 
     @staticmethod
     def _key(model: str, adapter: str | Path | None) -> tuple[str, str | None]:
@@ -56,6 +57,7 @@ class SessionCache:
         import gc
 
         gc.collect()
+        kwargs.setdefault("trust_remote_code", str(model) in self.trusted)
         session = open_chat(model, str(adapter) if adapter else None, **kwargs)
         self._sessions[key] = session
         return session
