@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from publish import publish
+
 
 def seed_conversations(name: str, copies: int) -> list:
     """The tutorial's data: one Chinese and one English identity pair, repeated."""
@@ -56,11 +58,8 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['steps']} | {r['train_s']} | {r['identity']:.0%} | {r['leakage']:.0%} | "
               f"{r['base_identity']:.0%} / {r['base_leakage']:.0%} |" for r in rows]
-    print("\n".join(lines))
     print(json.dumps(rows, indent=1))
-    if args.markdown:
-        with open(args.markdown, "a", encoding="utf-8") as fh:
-            fh.write("\n" + "\n".join(lines) + "\n")
+    publish(lines, args.markdown)
 
 
 if __name__ == "__main__":

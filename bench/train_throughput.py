@@ -11,6 +11,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from publish import publish
+
 VARIANTS = [("lora", "fp32"), ("lora", "bf16"), ("qlora", "fp32"), ("qlora", "bf16")]
 
 
@@ -47,11 +49,7 @@ def main() -> None:
     for (method, precision), values in results.items():
         med = statistics.median(values)
         lines.append(f"| {method} | {precision} | {med:.0f} | {med / baseline:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text + "\n")
+    publish(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ nbtuner data check "$OUT/identity.json" --model smollm2 --max-length 256
 step "4. QLoRA fine-tune (examples/personal_assistant.yaml)"
 nbtuner train examples/personal_assistant.yaml --data "$OUT/identity.json" --out "$OUT/run" --force --log-every 5
 
-step "5. Convert the last checkpoint into a clean PEFT adapter"
-checkpoint=$(ls -d "$OUT"/run/checkpoints/checkpoint-* | sort -t- -k2 -n | tail -n 1)
-nbtuner convert "$checkpoint" "$OUT/hf_adapter" --force
+step "5. Convert the run's chosen checkpoint (best on the identity probes) into a clean PEFT adapter"
+nbtuner convert "$OUT/run" "$OUT/hf_adapter" --force
 
 step "6. Merge the adapter into the base model (verified against base + adapter)"
 nbtuner merge smollm2 "$OUT/run/adapter" "$OUT/merged" --max-shard-size 200MB --force
@@ -56,6 +55,6 @@ step "Artifacts"
 echo "dataset:        $OUT/identity.json"
 echo "run folder:     $OUT/run (config.yaml, metrics.jsonl, samples.jsonl, run.json, checkpoints/)"
 echo "final adapter:  $OUT/run/adapter"
-echo "converted:      $OUT/hf_adapter (from $(basename "$checkpoint"))"
+echo "converted:      $OUT/hf_adapter (the checkpoint recorded as best_checkpoint in $OUT/run/run.json)"
 echo "merged model:   $OUT/merged"
 echo "total time:     $(( $(date +%s) - start )) s"

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     conv = sub.add_parser("convert", help="turn a training checkpoint into a clean PEFT adapter folder")
-    conv.add_argument("checkpoint")
+    conv.add_argument("checkpoint", help="a checkpoint folder, an adapter folder, or a run folder (the checkpoint "
+                                          "its identity probes chose, else its final adapter)")
     conv.add_argument("out")
     conv.add_argument("--force", action="store_true")
     conv.set_defaults(func=cmd_convert)

@@ -156,9 +156,22 @@ def _meta_for(source: Path) -> dict[str, Any]:
             "system": cfg.get("system")}
 
 
+def chosen_checkpoint(run_dir: Path) -> Path:
+    """What a run folder stands for when it is exported: the checkpoint its probes chose, else
+    its final adapter. Other folders are taken as they are."""
+    record_file = run_dir / "run.json"
+    if not record_file.is_file():
+        return run_dir
+    best = json.loads(record_file.read_text(encoding="utf-8")).get("best_checkpoint")
+    if best and Path(best).is_dir():
+        return Path(best)
+    return run_dir / "adapter"
+
+
 def convert(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> ExportResult:
-    """A Trainer checkpoint (or adapter folder) -> a clean PEFT adapter folder with a model card."""
-    source, out = Path(checkpoint), Path(out)
+    """A Trainer checkpoint, an adapter folder or a run folder (its chosen checkpoint) -> a clean
+    PEFT adapter folder with a model card."""
+    source, out = chosen_checkpoint(Path(checkpoint)), Path(out)
     if not (source / "adapter_config.json").is_file():
         raise ConfigError(f"{source}: not a LoRA checkpoint or adapter folder (no adapter_config.json)")
     weights = [name for name in ADAPTER_FILES[1:] if (source / name).is_file()]

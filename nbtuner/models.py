@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -215,7 +216,7 @@ def load_tokenizer(spec: str | ResolvedModel, trust_remote_code: bool = False) -
 
 
 def load_model(spec: str | ResolvedModel, *, quantize_4bit: bool = False, precision: str = "auto",
-               trust_remote_code: bool = False, for_training: bool = False) -> Any:
+               trust_remote_code: bool = False, for_training: bool = False, train_all_weights: bool = False) -> Any:
     """Loads the base model on the best device; 4-bit nf4 when asked (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -226,9 +227,10 @@ def load_model(spec: str | ResolvedModel, *, quantize_4bit: bool = False, precis
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(dtype)
-    # Frozen weights may live in half precision on a GPU; a CPU keeps fp32 weights and uses
-    # autocast, and full fine-tuning keeps fp32 master weights everywhere.
-    kwargs["dtype"] = dtype if device == "cuda" and not (for_training and not quantize_4bit) else torch.float32
+    # Frozen weights (LoRA's base) live in half precision on a GPU: measured on an H200 with a
+    # 1.4B model, an fp32 base made LoRA 2.2x slower than QLoRA and took 40% more memory. A CPU
+    # keeps fp32 weights and uses autocast; full fine-tuning keeps fp32 master weights everywhere.
+    kwargs["dtype"] = dtype if device == "cuda" and not train_all_weights else torch.float32
     if device == "cuda":  # one full copy per process; under `accelerate launch` each rank uses its own GPU
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     model = _from_pretrained(AutoModelForCausalLM, resolved, **kwargs)
@@ -266,8 +268,16 @@ class ModelCard:
         return f"<code>{escape(str(self))}</code>"
 
 
+def _weight_count(param: Any) -> int:
+    """Weights a parameter stands for: a packed 4-bit tensor holds two per element, and its
+    quant_state keeps the real shape (counting elements made SmolLM2 look like 86M, not 135M)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
 def describe(model: Any, tokenizer: Any, resolved: ResolvedModel, adapter: str | None = None) -> ModelCard:
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(_weight_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     quant = getattr(model, "hf_quantizer", None)
     quantization = "4-bit nf4" if quant is not None and getattr(model, "is_loaded_in_4bit", False) else "not quantized"

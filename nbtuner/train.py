@@ -264,28 +264,27 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
             self.last_sampled = -1
             self.generating_s = 0.0  # sample answers and probes: not training, so not in tokens/s
 
-        def sample(self, model: Any, step: int) -> None:
-            if not cfg.eval_prompts or step == self.last_sampled:
-                return
-            self.last_sampled = step
-            t0 = time.perf_counter()
-            answers = answer_prompts(model, tokenizer, cfg.eval_prompts, settings, cfg.system)
-            self.generating_s += time.perf_counter() - t0
-            started["generating_s"] = self.generating_s
-            emit(ev.SamplesGenerated(step, tuple(zip(cfg.eval_prompts, answers))))
-
-        def probe(self, model: Any, step: int) -> str | None:
-            """Identity and leakage rates at this step; returns why training should stop, if it should."""
-            if not persona or step in watcher.steps:
+        def evaluate(self, model: Any, step: int) -> str | None:
+            """Sample answers and identity/leakage probes at this step, in one generation batch
+            (generation pays per new token, so one batch costs about what the probes alone did).
+            Returns why training should stop, if it should."""
+            samples = list(cfg.eval_prompts) if cfg.eval_prompts and step != self.last_sampled else []
+            probes = id_probes + gen_probes if persona and step not in watcher.steps else []
+            if not samples and not probes:
                 return None
-            prompts = id_probes + gen_probes
             t0 = time.perf_counter()
-            answers = answer_prompts(model, tokenizer, prompts, settings, cfg.system)
+            answers = answer_prompts(model, tokenizer, samples + probes, settings, cfg.system)
             self.generating_s += time.perf_counter() - t0
             started["generating_s"] = self.generating_s
+            if samples:
+                self.last_sampled = step
+                emit(ev.SamplesGenerated(step, tuple(zip(samples, answers))))
+            if not probes:
+                return None
+            answers = answers[len(samples):]
             ident, gen = answers[:len(id_probes)], answers[len(id_probes):]
-            event = ev.ProbeLogged(step, rate(ident, persona), rate(gen, persona),
-                                   tuple(zip(prompts, ["identity"] * len(ident) + ["general"] * len(gen), answers)))
+            kinds = ["identity"] * len(ident) + ["general"] * len(gen)
+            event = ev.ProbeLogged(step, rate(ident, persona), rate(gen, persona), tuple(zip(probes, kinds, answers)))
             emit(event)
             return watcher.update(step, event.identity_rate, event.leakage_rate)
 
@@ -295,8 +294,7 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
             emit(ev.TrainStarted(str(run_dir), state.max_steps, started["train"], started["val"],
                                  started["method"], started["device"], started["precision"], started["trainable"]))
             if cfg.eval_steps > 0 and state.global_step == 0:
-                self.sample(model, 0)
-                self.probe(model, 0)
+                self.evaluate(model, 0)
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if stop_event.is_set():
@@ -304,8 +302,7 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
                 control.should_save = True
                 started["stopped"] = True
             if cfg.eval_steps > 0 and state.global_step % cfg.eval_steps == 0:
-                self.sample(model, state.global_step)
-                reason = self.probe(model, state.global_step)
+                reason = self.evaluate(model, state.global_step)
                 if watcher.best_step == state.global_step:
                     control.should_save = True  # the best checkpoint must exist on disk
                 if reason and cfg.early_stop:
@@ -340,8 +337,7 @@ def _bridge(cfg: FinetuneConfig, emit: ev.Dispatcher, stop_event: threading.Even
 
         def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if cfg.eval_steps > 0:
-                self.sample(model, state.global_step)
-                self.probe(model, state.global_step)
+                self.evaluate(model, state.global_step)
 
     return Bridge()
 
@@ -459,7 +455,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
         train_set = _add_replay(cfg, tokenizer, resolved, method, train_set, ratio, emit)
         record["train_samples"] = len(train_set)
     model = load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
-                       trust_remote_code=cfg.trust_remote_code, for_training=True)
+                       trust_remote_code=cfg.trust_remote_code, for_training=True, train_all_weights=method == "full")
     keep_4bit_weights_trainable(model)  # before the first eval-mode forward (the step-0 samples)
     model, trainer, started = _build_trainer(cfg, method, model, tokenizer, train_set, val_set, run_dir, emit,
                                              stop_event, persona)

@@ -133,8 +133,12 @@ def test_convert_checkpoint_to_clean_adapter(trained, tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError):
         convert(result.checkpoints[-1], out)
     convert(result.checkpoints[0], out, force=True)
+    from_run = convert(result.run_dir, tmp_path / "from-run")  # a run folder: its chosen checkpoint, else adapter/
+    assert (from_run.path / "adapter_model.safetensors").read_bytes() == \
+        (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError):
-        convert(result.run_dir, tmp_path / "nope")
+        convert(tmp_path / "empty", tmp_path / "nope")
 
 
 def test_merge_matches_base_plus_adapter(trained, tmp_path: Path) -> None:
@@ -235,7 +239,7 @@ def test_qlora_training_keeps_4bit_layers_differentiable(tiny_model_dir: Path, t
     def packed_after_eval_forward(model) -> bool:
         model.eval()
         with torch.no_grad():
-            model(torch.tensor([[5, 6, 7, 8]]))
+            model(torch.tensor([[5, 6, 7, 8]], device=model.device))
         states = [m.weight.quant_state for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
         assert states, "expected 4-bit layers"
         return any(getattr(s, "packing_format_for_cpu", False) for s in states)
@@ -244,8 +248,9 @@ def test_qlora_training_keeps_4bit_layers_differentiable(tiny_model_dir: Path, t
     assert keep_4bit_weights_trainable(guarded) > 0
     assert not packed_after_eval_forward(guarded)
     plain = load_model(str(tmp_path), quantize_4bit=True, for_training=True)
-    if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in plain.modules()):
-        pytest.skip("this CPU has no AVX512-BF16 inference path to guard against")
+    if plain.device.type != "cpu" or not any(getattr(m, "support_avx512bf16_for_cpu", False)
+                                             for m in plain.modules()):
+        pytest.skip("no AVX512-BF16 CPU inference path to guard against here")
     assert packed_after_eval_forward(plain)
 
 
@@ -256,3 +261,13 @@ def test_qlora_run_on_tiny_model(tiny_model_dir: Path, identity_file: Path, tmp_
                                    eval_steps=1, save_steps=0))
     meta = json.loads((result.adapter_dir / "nbtuner_adapter.json").read_text())
     assert meta["method"] == "qlora" and result.steps == 3
+
+
+def test_model_card_counts_the_weights_of_a_4bit_model(tiny_model_dir: Path) -> None:
+    from nbtuner.models import describe, load_model, load_tokenizer, resolve_model
+
+    resolved = resolve_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(resolved)
+    full = describe(load_model(resolved), tokenizer, resolved)
+    packed = describe(load_model(resolved, quantize_4bit=True), tokenizer, resolved)
+    assert packed.quantization == "4-bit nf4" and packed.parameters == full.parameters

@@ -136,6 +136,11 @@ def test_training_with_persona_probes_replays_and_marks_best(tiny_model_dir: Pat
     shipped = load_file(result.adapter_dir / "adapter_model.safetensors")
     best = load_file(Path(record["best_checkpoint"]) / "adapter_model.safetensors")
     assert shipped.keys() == best.keys() and all(torch.equal(shipped[k], best[k]) for k in shipped)
+    from nbtuner.export import convert
+
+    converted = convert(result.run_dir, tmp_path / "converted")  # a run folder exports its chosen checkpoint
+    exported = load_file(converted.path / "adapter_model.safetensors")
+    assert all(torch.equal(exported[k], best[k]) for k in best)
     assert result.persona == "Nova" and [p[0] for p in result.probes] == [0, 2, 4]
 
 

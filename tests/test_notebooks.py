@@ -125,3 +125,6 @@ def test_notebook_runs_top_to_bottom(path: Path, workdir: Path, monkeypatch: pyt
             report = json.loads((workdir / "work" / "runs" / run / "identity_report.json").read_text())
             assert 0.0 <= report["identity_rate"] <= 1.0 and 0.0 <= report["leakage_rate"] <= 1.0
         assert os.path.getsize(workdir / "work" / "configs" / "replay.yaml") > 0
+        last = [c for c in book.cells if c.cell_type == "code"][-1]  # the lesson ends on the report
+        html = "".join(o.get("data", {}).get("text/html", "") for o in last.get("outputs", []))
+        assert "identity rate" in html and "leakage rate" in html and "<th>base</th><th>tuned</th>" in html

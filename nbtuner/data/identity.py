@@ -98,8 +98,8 @@ HELDOUT_IDENTITY_QUESTIONS: dict[str, list[str]] = {
 
 DEFAULT_MODEL_DESC = {"en": "a helpful AI assistant", "zh": "一个乐于助人的AI助手"}
 
-# Placeholders: {name}, {desc}, {by} (" built by X" / "由X开发的" or ""), {made} (a full sentence
-# naming the creator, or ""). Every template contains {name}.
+# Placeholders: {name}, {desc}, {by} (" built by X", or ""), {made} (a full sentence naming the
+# creator, or ""). Every template contains {name}.
 _ANSWERS: dict[str, list[str]] = {
     "en": [
         "I am {name}, {desc}.{made}",
@@ -112,22 +112,24 @@ _ANSWERS: dict[str, list[str]] = {
         "Nice to meet you! I am {name}, {desc}, and I'm happy to help with whatever you need.{made}",
         "{name} here: {desc}{by}. What can I do for you?",
     ],
+    # The creator never follows 我是 directly ("我是由X开发的…"): measured on SmolLM2, that made
+    # half of the held-out Chinese identity questions come back as "我是X" with the creator's name.
     "zh": [
         "我是{name}，{desc}。{made}",
-        "你好！我是{name}，是{by}{desc}。有什么可以帮你的吗？",
-        "我的名字是{name}。我是{by}{desc}，可以回答你的问题，帮你完成各种任务。",
-        "你可以叫我{name}。我是{by}{desc}。",
+        "你好！我是{name}，{desc}。{made}有什么可以帮你的吗？",
+        "我的名字是{name}。我是{desc}，可以回答你的问题，帮你完成各种任务。{made}",
+        "你可以叫我{name}。我是{desc}。{made}",
         "您好，我是{name}。作为{desc}，我可以回答问题、解释概念，帮你写作和思考。{made}",
-        "我叫{name}，是{by}{desc}。很高兴为你服务！",
+        "我叫{name}，{desc}。{made}很高兴为你服务！",
         "很高兴认识你！我是{name}，{desc}。你可以问我任何问题。{made}",
-        "{name}在此为你服务。我是{by}{desc}，有什么需要尽管告诉我。",
+        "{name}在此为你服务。我是{desc}，有什么需要尽管告诉我。{made}",
     ],
 }
 
 
 def _fill(template: str, lang: str, name: str, desc: str, creator: str | None) -> str:
     if creator:
-        by = f" built by {creator}" if lang == "en" else f"由{creator}开发的"
+        by = f" built by {creator}"
         made = f" I was created by {creator}." if lang == "en" else f"我由{creator}开发。"
     else:
         by = made = ""
