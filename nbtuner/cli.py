@@ -12,6 +12,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import NbtunerError
+from .quiet import quiet_libraries
 
 EPILOG = """examples:
   nbtuner data identity --name Nova -o data/identity.json
@@ -21,20 +22,6 @@ EPILOG = """examples:
   nbtuner merge smollm2 runs/nova/adapter runs/nova/merged
   nbtuner chat smollm2 --adapter runs/nova/adapter --compare --prompt "Who are you?"
 """
-
-
-def _quiet_libraries() -> None:
-    """Keeps terminals readable: no per-tensor progress bars, no library chatter below warnings."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def cmd_data_identity(args: argparse.Namespace) -> int:
@@ -252,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="nbtuner: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.func(args)
     except NbtunerError as exc:

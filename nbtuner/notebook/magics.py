@@ -20,6 +20,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from ..errors import ConfigError, NbtunerError
+from ..quiet import quiet_libraries
 
 AVAILABLE = ("nbtuner: %nbtuner model|data|convert|merge|runs, %%finetune (or %finetune), %chat "
              "-- add ? for help, e.g. %finetune?")
@@ -56,21 +57,6 @@ def _readable(exc: BaseException) -> BaseException:
     from .run import readable
 
     return readable(exc)
-
-
-def _quiet_libraries() -> None:
-    """No per-tensor progress bars or advisory chatter in cell outputs (as the CLI does).
-    Called when a magic is about to load models, never at %load_ext (it imports transformers)."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is an engine dependency
-        pass
 
 
 def _display(obj: Any) -> None:
@@ -284,7 +270,7 @@ class NbtunerMagics(Magics):
             print(_nbtuner_help())
             return None
         if command in ("model", "merge") or command == "data" and getattr(args, "data_command", None) == "check":
-            _quiet_libraries()
+            quiet_libraries()
         try:
             if command == "model":
                 return self._model(args.spec, args.trust_remote_code)
@@ -404,7 +390,7 @@ class NbtunerMagics(Magics):
             self.shell.user_ns[args.output] = run
         if panel.widgets:
             _display(panel)
-        _quiet_libraries()
+        quiet_libraries()
         run.start([panel, *self.state.callbacks], force=args.force)
         if args.background:
             if panel.widgets:
@@ -460,7 +446,7 @@ class NbtunerMagics(Magics):
         args = _parse(self.chat, option_text)
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise UsageError("%chat: --max-new-tokens must be at least 1")
-        _quiet_libraries()
+        quiet_libraries()
         try:
             session, base_session = self._chat_sessions(args)
         except NbtunerError as exc:
