@@ -1,7 +1,7 @@
 """Tier 4: every teaching notebook in notebooks/ runs top to bottom in a real kernel (nbclient).
 
 Each notebook has a cell tagged ``parameters``; as papermill does, a cell with the values below is
-injected right after it, so training runs a handful of steps instead of the lesson's 40. The
+injected right after it, so training runs a handful of steps instead of the lesson's 40 or 50. The
 notebooks run in order in one shared working folder, so lessons 04 and 05 reuse lesson 03's run
 (each would train its own if run alone). Executed copies, with their outputs, and the time each
 notebook took are kept in test-artifacts/notebooks/. A notebook may stop itself by raising an
