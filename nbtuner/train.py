@@ -422,7 +422,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
     from .data import load_conversations
 
     load_conversations(cfg.data, cfg.data_format)  # fail on bad records before anything heavy happens
-    from .models import compute_dtype, device_kind, load_model, load_tokenizer, resolve_model
+    from .models import (compute_dtype, device_kind, disable_4bit_cpu_repacking, load_model, load_tokenizer,
+                         resolve_model)
 
     method = _resolve_method(cfg.method)
     resolved = resolve_model(cfg.model)
@@ -446,8 +447,6 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
 
     from transformers import set_seed
 
-    from .models import load_model
-
     set_seed(cfg.seed)
     persona = persona_for(cfg)
     ratio = replay_ratio_for(cfg, persona)
@@ -456,7 +455,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Iterable[ev.Callback] = (),
         record["train_samples"] = len(train_set)
     model = load_model(resolved, quantize_4bit=method == "qlora", precision=cfg.precision,
                        trust_remote_code=cfg.trust_remote_code, for_training=True, train_all_weights=method == "full")
-    keep_4bit_weights_trainable(model)  # before the first eval-mode forward (the step-0 samples)
+    disable_4bit_cpu_repacking(model)  # before the first eval-mode forward (the step-0 samples)
     model, trainer, started = _build_trainer(cfg, method, model, tokenizer, train_set, val_set, run_dir, emit,
                                              stop_event, persona)
     status, error = "completed", None
@@ -542,23 +541,6 @@ def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
     tmp = run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     os.replace(tmp, run_dir / "run.json")
-
-
-def keep_4bit_weights_trainable(model: Any) -> int:
-    """Stops bitsandbytes repacking 4-bit weights for CPU inference during a training run.
-
-    bitsandbytes 0.50 converts a Linear4bit's weights to an AVX512-BF16 inference layout on the
-    first forward pass in eval mode (our evaluation prompts) and never converts back; training
-    then runs through `gemv_4bit`, which has no autograd kernel, so gradients stop flowing
-    through every frozen 4-bit layer without an error (only a UserWarning). Measured here: after
-    the step-0 samples the loss stalled. Turning the fast path off keeps training correct.
-    """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def persona_for(cfg: FinetuneConfig) -> str | None:

@@ -233,8 +233,7 @@ def test_qlora_training_keeps_4bit_layers_differentiable(tiny_model_dir: Path, t
                    "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64})
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
 
-    from nbtuner.models import load_model
-    from nbtuner.train import keep_4bit_weights_trainable
+    from nbtuner.models import disable_4bit_cpu_repacking, load_model
 
     def packed_after_eval_forward(model) -> bool:
         model.eval()
@@ -245,7 +244,7 @@ def test_qlora_training_keeps_4bit_layers_differentiable(tiny_model_dir: Path, t
         return any(getattr(s, "packing_format_for_cpu", False) for s in states)
 
     guarded = load_model(str(tmp_path), quantize_4bit=True, for_training=True)
-    assert keep_4bit_weights_trainable(guarded) > 0
+    assert disable_4bit_cpu_repacking(guarded) > 0
     assert not packed_after_eval_forward(guarded)
     plain = load_model(str(tmp_path), quantize_4bit=True, for_training=True)
     if plain.device.type != "cpu" or not any(getattr(m, "support_avx512bf16_for_cpu", False)

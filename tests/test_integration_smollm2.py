@@ -62,7 +62,8 @@ def test_convert_and_merged_model_stands_alone(smollm2_run, tmp_path: Path) -> N
     adapter = smollm2_run.convert(tmp_path / "adapter", checkpoint=smollm2_run.checkpoints[-1])
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {n for n, _ in adapter.files}
     merged = smollm2_run.merge(tmp_path / "merged", max_shard_size="200MB")
-    assert merged.checks["verified"] and merged.checks["argmax_agreement"] >= 0.95
+    assert merged.checks["verified"] and merged.checks["argmax_agreement"] >= 0.999
+    assert merged.checks["max_logit_diff"] < 0.01  # fp32 reference: the merge is exact up to rounding
     assert len([n for n, _ in merged.files if n.endswith(".safetensors")]) >= 2
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
