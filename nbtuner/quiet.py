@@ -4,10 +4,18 @@ below warnings. Called by the CLI and the magics just before they load models, n
 from __future__ import annotations
 
 import os
+import warnings
+
+
+def hide_known_deprecations() -> None:
+    """transformers 5 deprecates a name that peft still calls on every adapter load and training
+    run; there is nothing for a user to do about it."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    hide_known_deprecations()
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers is an engine dependency

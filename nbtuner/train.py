@@ -590,10 +590,9 @@ def _build_trainer(cfg: FinetuneConfig, method: str, model: Any, tokenizer: Any,
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
     from .models import compute_dtype, device_kind
+    from .quiet import hide_known_deprecations
 
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    hide_known_deprecations()
     device = device_kind()
     dtype = compute_dtype(cfg.precision, device)
     if method in ("qlora", "lora"):
